@@ -1,4 +1,13 @@
-"""Test options: `pytest --slow` adds slow tests and `#| slow` notebook cells; `pytest --cuda` adds GPU ones."""
+"""Test options: `pytest --slow` adds slow tests and `#| slow` notebook cells; `pytest --cuda` adds GPU ones.
+
+The default run spreads tests over two processes (pytest-xdist, see pyproject.toml); each then uses one thread for
+PyTorch and OpenMP so that the two processes do not fight over the cores (`pytest -n 0` runs them in one process).
+"""
+import os
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'): os.environ.setdefault(var, '1')
+
 import pytest
 
 FLAGS = ('slow', 'cuda')
