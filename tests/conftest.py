@@ -5,6 +5,7 @@ PyTorch and OpenMP so that the two processes do not fight over the cores (`pytes
 """
 import os
 
+os.environ['IN_TEST'] = '1'   # the whole suite is a test run: notebooks shrink their demos (minillm.core.IN_TEST)
 if os.environ.get('PYTEST_XDIST_WORKER'):
     for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'): os.environ.setdefault(var, '1')
 
