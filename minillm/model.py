@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from .core import atomic_path
 
 # %% auto #0
-__all__ = ['KERNELS', 'MODEL_PRESETS', 'ffn_dim', 'ModelConfig', 'RMSNorm', 'rope_cache', 'rotate_half', 'apply_rope',
-           'causal_mask', 'naive_attention', 'Attention', 'FeedForward', 'KVCache', 'Block', 'Transformer',
-           'count_params', 'flops_per_token', 'hf_llama_config', 'config_from_hf', 'save_hf_llama', 'load_hf_llama']
+__all__ = ['KERNELS', 'MODEL_PRESETS', 'ffn_dim', 'ModelConfig', 'RMSNormFunction', 'RMSNorm', 'rope_cache', 'rotate_half',
+           'apply_rope', 'rope_heads', 'causal_mask', 'naive_attention', 'Attention', 'FeedForward', 'KVCache', 'Block',
+           'Transformer', 'count_params', 'flops_per_token', 'hf_llama_config', 'config_from_hf', 'save_hf_llama',
+           'load_hf_llama']
 
 # %% ../nbs/03_model.ipynb #30a14260
 def ffn_dim(d_model: int, multiple_of: int = 256) -> int:
@@ -104,6 +105,24 @@ MODEL_PRESETS = {
                         tie_embeddings=False),
 }
 
+# %% ../nbs/03_model.ipynb #0766f1b2
+class RMSNormFunction(torch.autograd.Function):
+    "RMSNorm with its backward written out: saves x_hat = x * rstd and rstd, and computes both gradients in a few passes."
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)           # (..., 1)
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, weight, rstd)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_hat, weight, rstd = ctx.saved_tensors
+        g = dy * weight
+        dx = rstd * (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+        dw = (dy * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
+        return dx, dw, None
+
 # %% ../nbs/03_model.ipynb #409ecfa9
 class RMSNorm(nn.Module):
     "Root-mean-square norm: x / sqrt(mean(x^2) + eps) * weight, no mean subtraction and no bias."
@@ -116,6 +135,7 @@ class RMSNorm(nn.Module):
         if self.kernels == 'triton':
             from .kernels import rms_norm            # imported only when asked for
             return rms_norm(x, self.weight, self.eps)
+        if x.device.type == 'cpu': return RMSNormFunction.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 # %% ../nbs/03_model.ipynb #8757d555
@@ -136,6 +156,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     "Rotate every pair of dimensions of x (B, H, T, head_dim) by its position's angles cos, sin (T, head_dim)."
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    "`apply_rope` for x (B, T, heads, head_dim), the layout the projection produces, in fewer operations (what the model runs)."
+    half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]                     # (T, 1, head_dim): broadcast over heads
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)              # rotate_half(x) * sin == x.roll(half) * signed_sin
+    return x * cos + x.roll(half, dims=-1) * signed_sin
 
 # %% ../nbs/03_model.ipynb #a059565e
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
@@ -165,14 +192,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape                                                        # x (B, T, d_model); cos, sin (T, head_dim)
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(B, T, H, hd).transpose(1, 2)                                  # (B, H, T, hd)
-        k = k.view(B, T, Hkv, hd).transpose(1, 2)                                # (B, Hkv, T, hd)
-        v = v.view(B, T, Hkv, hd).transpose(1, 2)                                # (B, Hkv, T, hd)
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)                           # the heads of q, then of k, then of v
         if self.kernels == 'triton':
             from .kernels import apply_rope as fused_rope, attention as flash_attention
+            q, k, v = (t.transpose(1, 2) for t in qkv.split([H, Hkv, Hkv], dim=2))  # (B, heads, T, hd)
             q, k = fused_rope(q, k, cos, sin)
-        else: q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            qk, v = qkv.split([H + Hkv, Hkv], dim=2)
+            q, k = rope_heads(qk, cos, sin).split([H, Hkv], dim=2)               # q and k rotated in one go
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # (B, heads, T, hd)
         if cache is not None: k, v = cache.update(self.layer_idx, k, v)          # (B, Hkv, Tk, hd), all positions so far
         t_k, gqa = k.shape[2], Hkv != H
         if t_k == T and self.kernels == 'triton': y = flash_attention(q, k, v, causal=True)
