@@ -105,7 +105,7 @@ MODEL_PRESETS = {
                         tie_embeddings=False),
 }
 
-# %% ../nbs/03_model.ipynb #0766f1b2
+# %% ../nbs/03_model.ipynb #795ba412
 class RMSNormFunction(torch.autograd.Function):
     "RMSNorm with its backward written out: saves x_hat = x * rstd and rstd, and computes both gradients in a few passes."
     @staticmethod
