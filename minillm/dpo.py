@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_dpo.ipynb #f61551e6
 from __future__ import annotations
-import json, math, random, time
+import json, math, random, statistics, time
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -148,8 +148,8 @@ def run_dpo(run: RunDir, data=None, preset: str | None = None, beta: float | Non
     enc = encode_pairs(tok, load_preferences(data), 'chat', policy.cfg.context_length)
     if len(enc) <= cfg.n_eval: raise ValueError(f'Only {len(enc)} preference pairs fit the context of {policy.cfg.context_length} tokens: need more than {cfg.n_eval}.')
     random.Random(cfg.seed).shuffle(enc)
-    held, train_pairs = enc[:cfg.n_eval], enc[cfg.n_eval:]
-    precompute_reference(policy, enc)                                             # the policy is still the reference here
+    held, train_pairs = enc[:cfg.n_eval], enc[cfg.n_eval:][:cfg.steps * cfg.batch_size]   # no more pairs than the run can draw
+    precompute_reference(policy, held + train_pairs)                              # the policy is still the reference here
     prompts = [{'prompt': [{'role': 'user', 'content': 'How can I be a better friend?'}]}, {'prompt': [{'role': 'user', 'content': 'Tell me how to steal a car.'}]},
                {'prompt': [{'role': 'user', 'content': 'Write a sentence about the sea.'}]}]
     before = [answer(policy, tok, p['prompt'], 'chat', cfg.max_new_tokens) for p in prompts]
@@ -158,7 +158,7 @@ def run_dpo(run: RunDir, data=None, preset: str | None = None, beta: float | Non
     first, last = hist[0], hist[-1]
     results = {'stage': out, 'loss_type': cfg.loss_type, 'beta': cfg.beta, 'train_pairs': len(train_pairs), 'heldout_pairs': len(held), 'steps': cfg.steps,
                'seconds': round(last['seconds'], 1), 'tokens_per_second': round(last['tokens'] / max(last['seconds'], 1e-9)),
-               'train_accuracy_last10': sum(r['accuracy'] for r in hist[-10:]) / len(hist[-10:]), 'heldout': {k: {'before': first[f'val_{k}'], 'after': last[f'val_{k}']} for k in ('loss', 'accuracy', 'margin', 'chosen_reward', 'rejected_reward')},
+               'train_accuracy_last10': statistics.fmean(r['accuracy'] for r in [r for r in hist if 'accuracy' in r][-10:]), 'heldout': {k: {'before': first[f'val_{k}'], 'after': last[f'val_{k}']} for k in ('loss', 'accuracy', 'margin', 'chosen_reward', 'rejected_reward')},
                'samples': [{'prompt': p['prompt'][-1]['content'], 'sft': b[0], 'dpo': a[0]} for p, b, a in zip(prompts, before, after)]}
     save_stage(run, out, policy, tok, {'results': results, 'config': asdict(cfg), 'base': base})
     h = results['heldout']
@@ -167,6 +167,6 @@ def run_dpo(run: RunDir, data=None, preset: str | None = None, beta: float | Non
         f"starting from (and referenced to) the {base} model; {results['seconds']} s, {results['tokens_per_second']:,} tokens/s.\n\n"
         f"| held-out ({len(held)} pairs) | start | end |\n|---|---|---|\n| loss | {h['loss']['before']:.3f} | {h['loss']['after']:.3f} |\n"
         f"| implicit-reward accuracy | {h['accuracy']['before']:.1%} | {h['accuracy']['after']:.1%} |\n| reward margin | {h['margin']['before']:.3f} | {h['margin']['after']:.3f} |\n\n"
-        + '\n\n'.join(f"> **{s['prompt']}**\n>\n> {base}: {s['sft'][:300]!r}\n>\n> {out}: {s['dpo'][:300]!r}" for s in results['samples'])))
+        + '\n\n'.join(f"> **{' '.join(s['prompt'].split())}**\n>\n> {base}: {s['sft'][:300]!r}\n>\n> {out}: {s['dpo'][:300]!r}" for s in results['samples'])))
     get_logger().info(f"DPO: held-out implicit-reward accuracy {h['accuracy']['before']:.1%} -> {h['accuracy']['after']:.1%}, margin {h['margin']['after']:.3f}")
     return results

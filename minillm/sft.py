@@ -465,7 +465,7 @@ def _fmt_samples(samples_before, samples_after) -> str:
     "Markdown of before/after answers to the same prompts."
     out = []
     for b, a in zip(samples_before, samples_after):
-        out.append(f"> **{b['prompt'][:200]}**\n>\n> before: {b['answer'][:300]!r}{'' if b['ended'] else ' (no end)'}\n>\n"
+        out.append(f"> **{' '.join(b['prompt'][:200].split())}**\n>\n> before: {b['answer'][:300]!r}{'' if b['ended'] else ' (no end)'}\n>\n"
                    f"> after: {a['answer'][:300]!r}{'' if a['ended'] else ' (no end)'}")
     return '\n\n'.join(out)
 
