@@ -1,14 +1,16 @@
-"""Tests for minillm.rlhf: GAE, whitening, the KL controller and estimators, the clipped objectives, GRPO and PPO on toy problems."""
-import copy, math
+"""Tests for minillm.rlhf: GAE, whitening, the KL controller and estimators, the clipped objectives, GRPO and PPO on toy problems,
+and GRPO's effect on held-out arithmetic after a brief SFT."""
+import copy, math, re
 
 import pytest
 import torch
 
 from minillm.model import ModelConfig, Transformer
 from minillm.reward import RewardModel
-from minillm.rlhf import (AdaptiveKLController, GRPOConfig, PPOConfig, PolicyWithValue, arithmetic_problems, arithmetic_reward, clipped_policy_loss,
-                          clipped_value_loss, gae, group_advantages, grpo_loss, grpo_train, kl_estimate, make_rollout, masked_whiten, ppo_train, token_logps)
-from minillm.sft import add_chat_tokens
+from minillm.rlhf import (AdaptiveKLController, GRPOConfig, PPOConfig, PolicyWithValue, arithmetic_accuracy, arithmetic_problems, arithmetic_reward,
+                          arithmetic_sft_records, clipped_policy_loss, clipped_value_loss, gae, group_advantages, grpo_loss, grpo_train, kl_estimate,
+                          make_rollout, masked_whiten, ppo_train, sample_groups, token_logps)
+from minillm.sft import SFTConfig, add_chat_tokens, make_examples, sample, sft_train
 from minillm.tokenizer import Tokenizer
 
 
@@ -60,10 +62,25 @@ def test_clipping_and_group_advantages():
 
 
 def test_arithmetic_task():
-    tr, held = arithmetic_problems(10, held_out=0.2)
-    assert len(tr) == 80 and len(held) == 20
-    assert not {p['prompt'][0]['content'] for p in tr} & {p['prompt'][0]['content'] for p in held}
+    tr, held = arithmetic_problems(20, held_out=0.25)
+    assert len(tr) == 300 and len(held) == 100
+    texts = lambda ps: {p['prompt'][0]['content'] for p in ps}
+    assert len(texts(tr)) == 300 and not texts(tr) & texts(held)                  # held-out sums are never training sums
+    operands = lambda p: [int(t) for t in re.findall(r'\d+', p['prompt'][0]['content'])]
+    assert all(max(operands(p)) < 10 for p in tr[:100]) and all(max(operands(p)) >= 10 for p in tr[100:] + held)
+    assert all(sum(operands(p)) == p['answer'] for p in tr + held)
+    assert arithmetic_problems(20)[1] == held and arithmetic_problems(20, seed=1)[1] != held
+    with pytest.raises(ValueError, match='two-digit operand'): arithmetic_problems(10)
     assert [arithmetic_reward(t, 12) for t in ('12', '12<|end|>', ' 12 ', '12.', '1 2', '21')] == [1, 1, 1, 0, 0, 0]
+
+
+def test_sample_groups_matches_sampling_prompt_by_prompt():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.preset('tiny', vocab_size=64, context_length=32))
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    assert sample_groups(m, prompts, 1, 5, 0.0) == [sample(m, p, 1, 5, 0.0) for p in prompts]
+    groups = sample_groups(m, prompts, 3, 5, 1.0, stop_id=2, generator=torch.Generator().manual_seed(0))
+    assert [len(g) for g in groups] == [3] * 4 and all(len(c) <= 5 and 2 not in c[:-1] for g in groups for c in g)
 
 
 @pytest.fixture(scope='module')
@@ -97,3 +114,21 @@ def test_ppo_kl_penalty_bounds_the_drift(toy):
         assert all(math.isfinite(h['score']) and math.isfinite(h['vf_loss']) for h in hist)
         kls[name] = sum(h['kl'] for h in hist[-6:]) / 6
     assert kls['no_kl'] > kls['kl'], kls
+
+
+def test_grpo_improves_held_out_arithmetic():
+    "The chapter's experiment in small: brief SFT on the single-digit table and 40 two-digit sums, then GRPO with the exact-answer reward."
+    torch.manual_seed(0)
+    tok = Tokenizer.train(['What is 1 + 7? 0 1 2 3 4 5 6 7 8 9 The answer is'] * 20, vocab_size=270, show_progress=False)
+    tok, _ = add_chat_tokens(tok)
+    policy = Transformer(ModelConfig.preset('tiny', vocab_size=tok.vocab_size, context_length=32))
+    train, held = arithmetic_problems()
+    sft_train(policy, make_examples(tok, arithmetic_sft_records(train[:140])), SFTConfig(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, min_lr_ratio=1.0))
+    before = arithmetic_accuracy(policy, tok, held)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    hist = grpo_train(policy, ref, tok, train, GRPOConfig.preset('tiny', steps=60))
+    after = arithmetic_accuracy(policy, tok, held)
+    first, last = sum(h['reward'] for h in hist[:10]) / 10, sum(h['reward'] for h in hist[-10:]) / 10
+    assert sum(h['mixed_groups'] for h in hist) / len(hist) > 0.5                 # most groups have non-zero advantages
+    assert after >= before + 0.08, (before, after)                                 # measured: 0.16 -> 0.31
+    assert last >= first + 0.04, (first, last)                                     # measured: 0.29 -> 0.38
