@@ -91,9 +91,6 @@ def stage_train(run: RunDir, device: str = 'auto', **train_overrides):
     meta = stage_data(run)
     model_cfg = ModelConfig.preset(settings['model'], vocab_size=meta['vocab_size'])
     overrides = {k: v for k, v in train_overrides.items() if v is not None}
-    warmup = TrainConfig.preset(settings['train']).warmup_steps
-    if overrides.get('max_steps', warmup) < warmup and 'warmup_steps' not in overrides:   # a short run: shorten the warmup too
-        overrides['warmup_steps'] = overrides['max_steps'] // 10
     return train(run, model_cfg, TrainConfig.preset(settings['train'], device=device, **overrides))
 
 def stage_generate(run: RunDir, prompt: str, max_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 50,

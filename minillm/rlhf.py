@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .core import IN_TEST, RunDir, get_logger, seed_everything
 from .sft import (IGNORE, add_chat_tokens, answer, encode_example, encode_prompt, load_stage, lr_schedule, make_examples,
-                         pad_batch, run_preset, sample, save_stage, sft_train, SFTConfig)
+                         pad_batch, run_preset, sample, sample_batch, save_stage, sft_train, SFTConfig)
 
 # %% auto #0
 __all__ = ['make_rollout', 'sample_groups', 'token_logps', 'kl_estimate', 'arithmetic_problems', 'arithmetic_reward',
@@ -27,29 +27,14 @@ def make_rollout(prompt: list[int], completion: list[int]) -> dict:
     "A prompt and a sampled completion as an example whose labels mark the completion tokens."
     return {'ids': prompt + completion, 'labels': [IGNORE] * len(prompt) + completion}
 
-@torch.no_grad()
 def sample_groups(model: nn.Module, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
                   stop_id: int | None = None, generator: torch.Generator | None = None) -> list[list[list[int]]]:
-    "`n` continuations of each prompt, as chapter 11's `sample` makes them (cut after `stop_id`, temperature 0 is greedy), with prompts of equal length sampled in one batch."
-    was_training = model.training; model.eval()
-    device = next(model.parameters()).device
+    "`n` continuations of each prompt (chapter 11's `sample_batch`), prompts of equal length sampled in one batch."
     out, by_len = [None] * len(prompts), {}
     for i, p in enumerate(prompts): by_len.setdefault(len(p), []).append(i)
     for length, idx in sorted(by_len.items()):
-        seq = torch.tensor([prompts[i] for i in idx for _ in range(n)], device=device)   # (len(idx) * n, T0)
-        done = torch.zeros(len(seq), dtype=torch.bool, device=device)
-        for _ in range(min(max_new_tokens, model.cfg.context_length - length)):
-            logits = model(seq)[:, -1, :].float()
-            if temperature == 0: nxt = logits.argmax(-1)
-            else: nxt = torch.multinomial((logits / temperature).softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(device)
-            nxt = torch.where(done, torch.full_like(nxt, stop_id if stop_id is not None else 0), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            if stop_id is not None:
-                done |= nxt == stop_id
-                if done.all(): break
-        rows = [r[:r.index(stop_id) + 1] if stop_id is not None and stop_id in r else r for r in seq[:, length:].tolist()]
+        rows = sample_batch(model, [prompts[i] for i in idx for _ in range(n)], max_new_tokens, temperature, None, stop_id, generator)
         for j, i in enumerate(idx): out[i] = rows[j * n:(j + 1) * n]
-    model.train(was_training)
     return out
 
 def token_logps(model: nn.Module, rollouts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,10 +19,10 @@ from .core import IN_TEST, PACKAGE_DIR, SHARED_DATA, RunDir, atomic_path, get_lo
 __all__ = ['SFT_DEFAULT', 'ROLES', 'CHAT_TOKENS', 'EOT', 'ALPACA_HEADER', 'TEMPLATES', 'IGNORE', 'DEMO_SETTINGS', 'read_records',
            'normalize_instruction', 'load_instructions', 'collect_valid', 'template_segments', 'render', 'stop_token',
            'resize_token_embeddings', 'add_special_tokens', 'add_chat_tokens', 'encode_example', 'encode_prompt',
-           'make_examples', 'pad_batch', 'pack_examples', 'batch_stats', 'masked_lm_loss', 'sample', 'answer',
-           'chat_turn', 'SFTConfig', 'lr_schedule', 'make_batch', 'response_loss', 'sft_train', 'evaluate_sft',
-           'save_stage', 'load_stage', 'latest_records', 'run_preset', 'load_chat_model', 'split_heldout', 'curate',
-           'prepare_sft_data', 'run_sft', 'demo_run']
+           'make_examples', 'pad_batch', 'pack_examples', 'batch_stats', 'masked_lm_loss', 'sample_batch', 'sample',
+           'answer', 'chat_turn', 'SFTConfig', 'lr_schedule', 'make_batch', 'response_loss', 'sft_train',
+           'evaluate_sft', 'save_stage', 'load_stage', 'latest_records', 'run_preset', 'load_chat_model',
+           'split_heldout', 'curate', 'prepare_sft_data', 'run_sft', 'demo_run']
 
 # %% ../nbs/11_sft.ipynb #928e09e9
 SFT_DEFAULT = PACKAGE_DIR / 'assets' / 'sft_default.jsonl.gz'
@@ -247,18 +247,19 @@ def masked_lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/11_sft.ipynb #b85585f3
 @torch.no_grad()
-def sample(model: nn.Module, prompt: list[int], n: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
-           top_k: int | None = None, stop_id: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
-    "`n` sampled continuations of `prompt` (token ids), each cut after `stop_id` (kept) or `max_new_tokens`; temperature 0 is greedy."
+def sample_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, stop_id: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+    "One sampled continuation per prompt (all of the same length), decoded side by side; each cut after `stop_id` (kept) or `max_new_tokens`; temperature 0 is greedy."
+    if len({len(p) for p in prompts}) != 1: raise ValueError('sample_batch needs prompts of one length: group them by length first.')
     was_training = model.training; model.eval()
     device = next(model.parameters()).device
-    ctx = model.cfg.context_length
-    max_new_tokens = min(max_new_tokens, ctx - len(prompt))
-    if max_new_tokens <= 0: raise ValueError(f'The prompt has {len(prompt)} tokens, leaving no room in the context of {ctx}.')
-    seq = torch.tensor([prompt] * n, device=device)                              # (n, T0)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    T0, ctx = len(prompts[0]), model.cfg.context_length
+    max_new_tokens = min(max_new_tokens, ctx - T0)
+    if max_new_tokens <= 0: raise ValueError(f'The prompt has {T0} tokens, leaving no room in the context of {ctx}.')
+    seq = torch.tensor(prompts, device=device)                                   # (B, T0)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        logits = model(seq)[:, -1, :].float()                                   # (n, V)
+        logits = model(seq)[:, -1, :].float()                                   # (B, V)
         if temperature == 0: nxt = logits.argmax(-1)
         else:
             logits = logits / temperature
@@ -270,10 +271,12 @@ def sample(model: nn.Module, prompt: list[int], n: int = 1, max_new_tokens: int 
             done |= nxt == stop_id
             if done.all(): break
     model.train(was_training)
-    out = []
-    for row in seq[:, len(prompt):].tolist():
-        out.append(row[:row.index(stop_id) + 1] if stop_id is not None and stop_id in row else row)
-    return out
+    return [row[:row.index(stop_id) + 1] if stop_id is not None and stop_id in row else row for row in seq[:, T0:].tolist()]
+
+def sample(model: nn.Module, prompt: list[int], n: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
+           top_k: int | None = None, stop_id: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+    "`n` sampled continuations of `prompt` (token ids), each cut after `stop_id` (kept) or `max_new_tokens`; temperature 0 is greedy."
+    return sample_batch(model, [prompt] * n, max_new_tokens, temperature, top_k, stop_id, generator)
 
 def answer(model: nn.Module, tokenizer, messages: list[dict], template: str = 'chat', max_new_tokens: int = 64,
            temperature: float = 0.0, seed: int | None = None, top_k: int | None = None) -> tuple[str, bool]:

@@ -134,7 +134,10 @@ class TrainConfig:
     def preset(cls, name: str, **overrides) -> TrainConfig:
         "A named preset ('tiny', 'cpu', 'gpu') with fields overridden by `overrides`."
         if name not in TRAIN_PRESETS: raise ValueError(f'Unknown TrainConfig preset {name!r}: choose one of {sorted(TRAIN_PRESETS)}.')
-        return cls.from_dict({**TRAIN_PRESETS[name], **overrides})
+        d = {**TRAIN_PRESETS[name], **overrides}
+        if 'warmup_steps' not in overrides and d.get('max_steps', cls.max_steps) < d.get('warmup_steps', cls.warmup_steps):
+            d['warmup_steps'] = d['max_steps'] // 10                              # a run shortened below the warmup: shorten the warmup too
+        return cls.from_dict(d)
 
 TRAIN_PRESETS = {
     # a few steps of a tiny model: tests and quick demos
