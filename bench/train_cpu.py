@@ -1,9 +1,11 @@
-"""CPU training throughput as model FLOP utilisation (MFU): minillm's Transformer beside a nanoGPT-style GPT-2 model.
+"""CPU training throughput as model FLOP utilisation (MFU): minillm's training step beside nanoGPT's.
 
 MFU = tokens/s x model FLOPs/token / FLOP/s of a 1024x1024 fp32 matmul measured in the same process, for full training
-steps (forward, backward, gradient clipping, AdamW) of a 4-layer, d_model 256, context 256, vocab 8192 model at batch 16.
-Both models go through minillm's own training path (`forward_backward`, `make_optimizer`), so the comparison isolates the model.
-Measurements alternate between the two models round by round (this machine is shared), and each round's MFU uses the
+steps (forward, loss, backward, gradient clipping, AdamW) of a 4-layer, d_model 256, context 256, vocab 8192 model at batch 16.
+minillm runs its trainer's step: `LanguageModelLoss` (the LM head fused with the loss) through `forward_backward`, and
+`make_optimizer`'s AdamW. The peer runs nanoGPT's step: its GPT-2 model, `F.cross_entropy` on the full logits, and
+`torch.optim.AdamW` configured as nanoGPT's `configure_optimizers` does on a CPU.
+Measurements alternate between the two round by round (this machine is shared), and each round's MFU uses the
 matmul speed measured in that round; the medians over rounds are reported.
 
     python bench/train_cpu.py [--rounds 5] [--steps 6] [--compile]   ->  bench/results/train_cpu.json
@@ -83,20 +85,15 @@ def matmul_flops(n_iter: int = 30, repeats: int = 3) -> float:
 
 
 class Trainee:
-    "A model plus minillm's training step (forward, backward, clip, AdamW), timed on random tokens."
-    def __init__(self, name: str, model: nn.Module, flops_per_tok: float, compile: bool = False):
-        from minillm.train import LanguageModelLoss, TrainConfig, make_optimizer
-        self.name, self.model, self.flops_per_tok = name, model, flops_per_tok
-        cfg = TrainConfig.preset('cpu', device='cpu')
-        self.optimizer = make_optimizer(model, cfg, 'cpu')
-        loss_fn = LanguageModelLoss(model)
-        self.loss_fn = torch.compile(loss_fn) if compile else loss_fn
+    "A model and a training step (forward, loss, backward, clip, AdamW), timed on random tokens."
+    def __init__(self, name: str, model: nn.Module, flops_per_tok: float, loss_fn, optimizer: torch.optim.Optimizer):
+        self.name, self.model, self.flops_per_tok, self.loss_fn, self.optimizer = name, model, flops_per_tok, loss_fn, optimizer
         self.gen = torch.Generator().manual_seed(0)
 
     def step(self):
         from minillm.train import forward_backward
         x = torch.randint(0, SIZE['vocab_size'], (BATCH, SIZE['context_length'] + 1), generator=self.gen)
-        loss = forward_backward(self.loss_fn, [(x[:, :-1], x[:, 1:])])
+        loss = forward_backward(self.loss_fn, [(x[:, :-1], x[:, 1:])])     # forward, loss, backward (float32 on a CPU)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step(); self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
@@ -105,6 +102,27 @@ class Trainee:
         t = time.perf_counter()
         for _ in range(n_steps): self.step()
         return n_steps * BATCH * SIZE['context_length'] / (time.perf_counter() - t)
+
+
+def minillm_trainee(name: str, compile: bool = False) -> Trainee:
+    "minillm's trainer step; compiled, the trainer leaves the loss fusion to torch.compile (as `train` does)."
+    from minillm.train import LanguageModelLoss, TrainConfig, make_optimizer
+    cfg = ModelConfig.preset('cpu', **SIZE)
+    model = Transformer(cfg)
+    loss_fn = LanguageModelLoss(model, fused=not compile)
+    return Trainee(name, model, flops_per_token(cfg, cfg.context_length), torch.compile(loss_fn) if compile else loss_fn,
+                   make_optimizer(model, TrainConfig.preset('cpu', device='cpu'), 'cpu'))
+
+
+def nanogpt_trainee(name: str, n_heads: int, compile: bool = False) -> Trainee:
+    "nanoGPT's step: model(x) logits, F.cross_entropy, AdamW over decay / no-decay groups (fused only on CUDA, so default here)."
+    model = PeerGPT(n_heads=n_heads, **SIZE)
+    fwd = torch.compile(model) if compile else model
+    loss_fn = lambda x, y: F.cross_entropy(fwd(x).view(-1, SIZE['vocab_size']), y.reshape(-1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=0.1), dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return Trainee(name, model, model.flops_per_token(SIZE['context_length']), loss_fn,
+                   torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95)))
 
 
 def main():
@@ -118,12 +136,9 @@ def main():
 
     torch.manual_seed(0)
     mcfg = ModelConfig.preset('cpu', **SIZE)
-    T = mcfg.context_length
-    trainees = [Trainee('minillm', Transformer(mcfg), flops_per_token(mcfg, T)),
-                Trainee('nanogpt_peer', peer := PeerGPT(n_heads=mcfg.n_heads, **SIZE), peer.flops_per_token(T))]
+    trainees = [minillm_trainee('minillm'), nanogpt_trainee('nanogpt_peer', mcfg.n_heads)]
     if args.compile:
-        trainees += [Trainee('minillm_compiled', Transformer(mcfg), flops_per_token(mcfg, T), compile=True),
-                     Trainee('nanogpt_peer_compiled', peer := PeerGPT(n_heads=mcfg.n_heads, **SIZE), peer.flops_per_token(T), compile=True)]
+        trainees += [minillm_trainee('minillm_compiled', compile=True), nanogpt_trainee('nanogpt_peer_compiled', mcfg.n_heads, compile=True)]
     for tr in trainees:
         t = time.perf_counter()
         for _ in range(args.warmup): tr.step()
@@ -148,7 +163,7 @@ def main():
                                 mfu=round(statistics.median(v['mfu']), 4), mfu_per_round=[round(m, 4) for m in v['mfu']])
     ratio = results['minillm']['mfu'] / results['nanogpt_peer']['mfu']
     out = dict(
-        benchmark='CPU training MFU: fwd+bwd+clip+AdamW, 4 layers, d_model 256, context 256, vocab 8192, batch 16',
+        benchmark='CPU training MFU, minillm trainer step vs nanoGPT step: fwd+loss+bwd+clip+AdamW, 4 layers, d_model 256, context 256, vocab 8192, batch 16',
         definition='tokens/s x model FLOPs/token / FLOP/s of a 1024x1024 fp32 matmul in the same process; medians over rounds',
         machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                      torch=torch.__version__, python=platform.python_version(),

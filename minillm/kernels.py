@@ -6,13 +6,14 @@ import math, os, time
 import torch
 import torch.nn.functional as F
 
+from .train import linear_cross_entropy as chunked_linear_cross_entropy, softmax_ce_chunk   # chapter 04's fused loss loop
+
 # %% auto #0
 __all__ = ['GPU_SPECS', 'INTERPRET', 'MAX_SOFTMAX_COLS', 'roofline', 'measure_bandwidth', 'measure_matmul_flops',
            'triton_available', 'cos_cos', 'rms_norm_ref', 'RMSNormFunction', 'rms_norm', 'SoftmaxFunction', 'softmax',
            'swiglu_ref', 'SwiGLUFunction', 'swiglu', 'rotate_half', 'rope_ref', 'apply_rope_ref', 'RoPEFunction',
            'rope', 'apply_rope', 'cross_entropy_ref', 'CrossEntropyFunction', 'cross_entropy',
-           'linear_cross_entropy_ref', 'LinearCrossEntropyFunction', 'linear_cross_entropy', 'attention_ref',
-           'FlashAttentionFunction', 'attention']
+           'linear_cross_entropy_ref', 'linear_cross_entropy', 'attention_ref', 'FlashAttentionFunction', 'attention']
 
 # %% ../nbs/09_kernels.ipynb #35ccd337
 # data-sheet numbers (dense tensor-core peaks, no sparsity); bandwidth in bytes/s
@@ -477,50 +478,17 @@ def linear_cross_entropy_ref(h, weight, targets, ignore_index: int = -100):
     return cross_entropy_ref(h @ weight.T, targets, ignore_index)
 
 # %% ../nbs/09_kernels.ipynb #48f9c1f2
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    "Output projection + cross-entropy in row chunks: only a (chunk, V) slice of logits ever exists."
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, chunk_size):
-        D = h.shape[-1]
-        h2 = h.reshape(-1, D).contiguous()                             # (M, D)
-        t = targets.reshape(-1).contiguous()                           # (M,)
-        M, V = h2.shape[0], weight.shape[0]
-        valid = t != ignore_index
-        n_valid = valid.sum()
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        dloss = valid.to(acc) / n_valid                                # (M,) weight of each row in the mean
-        grad_h = torch.empty_like(h2)                                  # gradients are computed now, during forward,
-        grad_w = torch.zeros(V, D, device=h.device, dtype=acc)         # so the logits can be freed chunk by chunk
-        total = torch.zeros((), device=h.device, dtype=acc)
-        for i in range(0, M, chunk_size):
-            hc, tc = h2[i:i + chunk_size], t[i:i + chunk_size]
-            logits = hc @ weight.T                                     # (C, V): the only logits alive
-            loss, lse = _ce_forward(logits, tc, ignore_index)
-            total += loss.sum()
-            if not any(ctx.needs_input_grad[:2]): continue             # evaluation: the loss is all we need
-            dlogits = _ce_backward(logits, tc, lse, dloss[i:i + chunk_size], logits)   # in place over the logits
-            grad_h[i:i + chunk_size] = dlogits @ weight                # (C, D)
-            grad_w += (dlogits.T @ hc).to(acc)                         # (V, D)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, dout):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * dout).view(ctx.h_shape), (grad_w * dout).to(ctx.w_dtype), None, None, None
-
-def _lce_chunk(M: int, V: int, D: int) -> int:
-    "Rows per chunk so that a chunk of logits is about as large as the hidden states h (Liger's rule)."
-    return max(1, min(_next_pow2(M), _next_pow2(triton.cdiv(M, triton.cdiv(V, D)))))
+def _triton_ce_chunk(logits, targets, row_weight, ignore_index, need_grad):
+    "Chapter 04's per-chunk contract in Triton: row losses, and the weighted logit gradient written over the logits."
+    x = logits.contiguous()
+    loss, lse = _ce_forward(x, targets.contiguous(), ignore_index)
+    return loss, (_ce_backward(x, targets.contiguous(), lse, row_weight.contiguous(), x) if need_grad else None)
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
-    "Mean cross-entropy of h @ weight.T without materialising all logits: Triton where it can run, else chunked PyTorch."
-    M, V, D = h.numel() // h.shape[-1], weight.shape[0], h.shape[-1]
-    if not _use_triton(h): return linear_cross_entropy_ref(h, weight, targets, ignore_index)
-    chunk = chunk_size or _lce_chunk(M, V, D)
-    return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, chunk)
+    "Mean cross-entropy of h @ weight.T without materialising all logits: chapter 04's chunked loop, Triton per chunk where it can run."
+    return chunked_linear_cross_entropy(h, weight, targets, ignore_index, chunk_size, _triton_ce_chunk if _use_triton(h) else softmax_ce_chunk)
+
 
 # %% ../nbs/09_kernels.ipynb #c833e129
 def attention_ref(q, k, v, causal: bool = True):

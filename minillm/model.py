@@ -298,7 +298,8 @@ class Transformer(nn.Module):
             elif p.dim() == 2: nn.init.normal_(p, 0.0, std)
             else: nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        "The final normalised residual stream (B, T, d_model) for token ids idx (B, T): everything but the LM head."
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (batch, time) tensor of integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}"
                              + (": add a batch dimension with idx[None]" if idx.dim() == 1 else ""))
@@ -314,9 +315,16 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, head_dim): positions start .. start+T-1
         for block in self.blocks: x = block(x, cos, sin, cache)
         if cache is not None: cache.advance(T)
-        x = self.norm(x)
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight   # (vocab_size, d_model)
-        return F.linear(x, head)                                                  # (B, T, vocab_size)
+        return self.norm(x)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        "The LM head's (vocab_size, d_model) matrix: the token embedding itself when tied."
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        "Next-token logits (B, T, vocab_size) for token ids idx (B, T), continuing after the cached positions if given."
+        return F.linear(self.hidden_states(idx, cache), self.head_weight)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         "An empty KVCache on this model's device and dtype."

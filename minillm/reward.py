@@ -18,9 +18,9 @@ from .sft import (IGNORE, _check_messages, _text, add_chat_tokens, collect_valid
                          read_records, run_preset, save_stage)
 
 # %% auto #0
-__all__ = ['PREFERENCE_DEFAULT', 'split_hh', 'normalize_preference', 'load_preferences', 'length_baseline', 'hidden_states',
-           'RewardModel', 'bradley_terry_loss', 'encode_pair', 'encode_pairs', 'pad_ids', 'RewardConfig', 'score',
-           'evaluate_rm', 'train_reward_model', 'load_reward_model', 'run_reward']
+__all__ = ['PREFERENCE_DEFAULT', 'split_hh', 'normalize_preference', 'load_preferences', 'length_baseline', 'RewardModel',
+           'bradley_terry_loss', 'encode_pair', 'encode_pairs', 'pad_ids', 'RewardConfig', 'score', 'evaluate_rm',
+           'train_reward_model', 'load_reward_model', 'run_reward']
 
 # %% ../nbs/12_reward.ipynb #ad751516
 PREFERENCE_DEFAULT = PACKAGE_DIR / 'assets' / 'preference_default.jsonl.gz'
@@ -88,14 +88,6 @@ def length_baseline(pairs: list[dict]) -> float:
     return sum(score) / len(score)
 
 # %% ../nbs/12_reward.ipynb #e1faf73b
-def hidden_states(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    "Final (normed) hidden states of a chapter-03 Transformer: idx (B, T) -> (B, T, d_model)."
-    out = {}
-    handle = model.norm.register_forward_hook(lambda mod, args, res: out.__setitem__('h', res))
-    try: model(idx)
-    finally: handle.remove()
-    return out['h']
-
 class RewardModel(nn.Module):
     "A language model backbone with a scalar head on the last token: (ids (B, T), lengths (B,)) -> rewards (B,)."
     def __init__(self, backbone: nn.Module):
@@ -105,7 +97,7 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.cfg.d_model + 1)); nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = hidden_states(self.backbone, idx)                                    # (B, T, d_model)
+        h = self.backbone.hidden_states(idx)                                     # (B, T, d_model)
         last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]      # (B, d_model)
         return self.head(last).squeeze(-1)                                       # (B,)
 

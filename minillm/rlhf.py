@@ -258,11 +258,8 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight); nn.init.zeros_(self.value_head.bias)
 
     def forward(self, idx: torch.Tensor):
-        out = {}
-        handle = self.policy.norm.register_forward_hook(lambda mod, args, res: out.__setitem__('h', res))
-        try: logits = self.policy(idx)
-        finally: handle.remove()
-        return logits, self.value_head(out['h']).squeeze(-1)
+        h = self.policy.hidden_states(idx)                                       # (B, T, d_model): one trunk, two heads
+        return F.linear(h, self.policy.head_weight), self.value_head(h).squeeze(-1)
 
 def logps_and_values(model: PolicyWithValue, rollouts: list[dict]):
     "Per-token log-probs, values and completion mask of rollouts: each (B, T). The value at t predicts the reward still to come after token t-1."

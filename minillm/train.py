@@ -18,7 +18,8 @@ from .data import get_batch, load_tokens
 from .model import ModelConfig, Transformer, flops_per_token
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'CHECKPOINT_FILES', 'PEAK_BF16_FLOPS', 'cross_entropy', 'AdamW', 'param_groups', 'make_optimizer',
+__all__ = ['TRAIN_PRESETS', 'CHECKPOINT_FILES', 'PEAK_BF16_FLOPS', 'cross_entropy', 'softmax_ce_chunk', 'lce_chunk_rows',
+           'LinearCrossEntropyFunction', 'linear_cross_entropy', 'AdamW', 'param_groups', 'make_optimizer',
            'TrainConfig', 'lr_at', 'clip_grad_norm_', 'LanguageModelLoss', 'forward_backward', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'load_model', 'estimate_loss',
            'peak_flops', 'plot_losses', 'train']
@@ -35,6 +36,67 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     log_sum_exp = shifted.exp().sum(dim=-1).log()                  # (n,) log sum_j e^(z_j - m)
     target_logit = shifted.gather(-1, targets[:, None]).squeeze(-1)    # (n,) z_t - m
     return (log_sum_exp - target_logit).mean()                     # the m's cancel
+
+# %% ../nbs/04_training.ipynb #e2ac5f41
+def softmax_ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor, ignore_index: int, need_grad: bool):
+    "Row losses (C,) of logits (C, V), 0 where ignored, and (if need_grad) the gradient row_weight * (softmax - onehot) of their weighted sum."
+    valid = targets != ignore_index                                          # (C,)
+    t = torch.where(valid, targets, 0)[:, None]                              # (C, 1) ignored rows point anywhere
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)   # (C, V) at least float32
+    loss = -logp.gather(1, t).squeeze(1) * valid                             # (C,)
+    if not need_grad: return loss, None
+    grad = logp.exp_()                                                       # softmax, in place over the log-probs
+    grad.scatter_add_(1, t, -valid[:, None].to(grad.dtype))                  # minus the one-hot target
+    return loss, grad.mul_(row_weight[:, None].to(grad.dtype))
+
+# %% ../nbs/04_training.ipynb #f3be2b57
+def lce_chunk_rows(n_rows: int, vocab_size: int, d_model: int) -> int:
+    "Rows per chunk of the fused loss: logits at least as large as the hidden states and at least 2^22 of them; a power of two."
+    as_large_as_h = -(-n_rows // -(-vocab_size // d_model))                  # ceil(n_rows / ceil(V / D)) (Liger-Kernel's rule)
+    rows = max(as_large_as_h, 2**22 // vocab_size, 1)
+    pow2 = lambda n: 1 << max(0, n - 1).bit_length()
+    return min(pow2(rows), pow2(n_rows))                                     # never more than one chunk's worth past n_rows
+
+# %% ../nbs/04_training.ipynb #54dee8f2
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    "Mean cross-entropy of h @ weight.T in row chunks, gradients made during forward: only (chunk, V) logits ever exist."
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_size, need_grad, ce_chunk):
+        D = h.shape[-1]
+        h2, t = h.reshape(-1, D), targets.reshape(-1)                        # (M, D), (M,)
+        M, V = h2.shape[0], weight.shape[0]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        n_valid = (t != ignore_index).sum()
+        row_weight = (t != ignore_index).to(acc) / n_valid                   # (M,) each row's weight in the mean
+        total = torch.zeros((), device=h.device, dtype=acc)
+        if need_grad: grad_h, grad_w = torch.empty_like(h2), torch.zeros(V, D, device=h.device, dtype=acc)
+        for i in range(0, M, chunk_size):
+            hc, tc = h2[i:i + chunk_size], t[i:i + chunk_size]
+            logits = hc @ weight.T                                           # (C, V): the only logits alive
+            loss, dlogits = ce_chunk(logits, tc, row_weight[i:i + chunk_size], ignore_index, need_grad)
+            total += loss.sum()
+            if need_grad:
+                dlogits = dlogits.to(logits.dtype)
+                grad_h[i:i + chunk_size] = dlogits @ weight                  # (C, D)
+                grad_w += dlogits.T @ hc                                     # (V, D), accumulated in float32
+        if need_grad: ctx.save_for_backward(grad_h, grad_w)
+        ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, dout):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * dout).view(ctx.h_shape), (grad_w * dout).to(ctx.w_dtype), None, None, None, None, None
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_size: int | None = None, ce_chunk=softmax_ce_chunk) -> torch.Tensor:
+    "Mean cross-entropy of the logits h @ weight.T (h (..., D), weight (V, D), targets (...)) without ever holding all of them."
+    M, (V, D) = h.numel() // h.shape[-1], weight.shape
+    if h.shape[-1] != D: raise ValueError(f"h has {h.shape[-1]} features but the weight expects {D}: pass the LM head's (vocab, d_model) matrix")
+    if targets.numel() != M: raise ValueError(f"{targets.numel()} targets for {M} positions: give one target (or ignore_index) per position")
+    if chunk_size is not None and chunk_size < 1: raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, chunk_size or lce_chunk_rows(M, V, D), need_grad, ce_chunk)
 
 # %% ../nbs/04_training.ipynb #7d3eb4f8
 class AdamW(torch.optim.Optimizer):
@@ -170,12 +232,20 @@ def clip_grad_norm_(params, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
 
 # %% ../nbs/04_training.ipynb #44244904
 class LanguageModelLoss(nn.Module):
-    "Wrap a model so that `loss_fn(x, y)` returns the mean next-token cross-entropy: one graph for torch.compile."
-    def __init__(self, model: nn.Module):
+    "`loss_fn(x, y)`: the mean next-token cross-entropy of `model`, the LM head fused with the loss where the model allows it."
+    def __init__(self, model: nn.Module, fused: bool = True):
         super().__init__()
         self.model = model
+        self.fused_loss = None                                             # models that only give logits use F.cross_entropy
+        if fused and hasattr(model, 'hidden_states') and hasattr(model, 'head_weight'):
+            if getattr(getattr(model, 'cfg', None), 'kernels', 'torch') == 'triton':
+                from minillm.kernels import linear_cross_entropy as fused_loss    # chapter 09: the same loop, Triton inside
+            else: fused_loss = linear_cross_entropy
+            self.fused_loss = fused_loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fused_loss is not None:
+            return self.fused_loss(self.model.hidden_states(x), self.model.head_weight, y)
         logits = self.model(x)                                             # (B, T, V)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
@@ -408,7 +478,7 @@ def train(run: RunDir | str | Path, model_cfg: ModelConfig, train_cfg: TrainConf
     ckpt_dir = run.file('checkpoints')
     step, seconds_before, last_ckpt = _resume_or_start(run, model, optimizer, model_cfg, resume, log)
 
-    loss_fn = LanguageModelLoss(model).train()
+    loss_fn = LanguageModelLoss(model, fused=not cfg.compile).train()   # compiled: the compiler fuses the loss itself
     step_fn = torch.compile(loss_fn) if cfg.compile else loss_fn
     tokens_per_step = cfg.tokens_per_step(T)
     flops_per_tok, peak = flops_per_token(model_cfg, T), peak_flops(device)

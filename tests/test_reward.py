@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minillm.model import ModelConfig, Transformer
-from minillm.reward import (RewardConfig, RewardModel, bradley_terry_loss, encode_pair, evaluate_rm, hidden_states, length_baseline,
+from minillm.reward import (RewardConfig, RewardModel, bradley_terry_loss, encode_pair, evaluate_rm, length_baseline,
                             load_preferences, normalize_preference, score, train_reward_model)
 from minillm.sft import IGNORE, add_chat_tokens
 from minillm.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ def test_length_baseline_and_bt_loss():
 def test_reward_model_reads_the_last_real_token_and_learns_a_rule():
     torch.manual_seed(0)
     rm = RewardModel(Transformer(ModelConfig.preset('tiny', vocab_size=40, context_length=16)))
-    h = hidden_states(rm.backbone, torch.tensor([[1, 2, 3]]))
+    h = rm.backbone.hidden_states(torch.tensor([[1, 2, 3]]))
     assert h.shape == (1, 3, 64)
     # right padding does not change a sequence's reward
     a = score(rm, [[1, 2, 3]]); b = score(rm, [[1, 2, 3], [4, 5, 6, 7, 8, 9]])

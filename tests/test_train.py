@@ -9,9 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.core import RunDir
+from hypothesis import given, settings, strategies as st
+
+from minillm.model import ModelConfig, Transformer
 from minillm.train import (AdamW, LanguageModelLoss, TrainConfig, clip_grad_norm_, cross_entropy, forward_backward,
-                           latest_checkpoint, load_checkpoint, load_model, lr_at, make_optimizer, param_groups,
-                           save_checkpoint, train)
+                           latest_checkpoint, lce_chunk_rows, linear_cross_entropy, load_checkpoint, load_model, lr_at,
+                           make_optimizer, param_groups, save_checkpoint, train)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +37,46 @@ def test_cross_entropy_is_stable_for_huge_logits():
     out = cross_entropy(logits, targets)
     assert torch.isfinite(out)
     torch.testing.assert_close(out, F.cross_entropy(logits, targets))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), vocab=st.integers(2, 300), dim=st.integers(1, 24), chunk=st.one_of(st.none(), st.integers(1, 50)),
+       n_ignored=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_equals_unfused(rows, vocab, dim, chunk, n_ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, dim, generator=g).requires_grad_()
+    W = (torch.randn(vocab, dim, generator=g) * 2).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[:min(n_ignored, rows - 1)] = -100                                       # ignored rows, at least one row counted
+    ours, ref = linear_cross_entropy(h, W, t, chunk_size=chunk), F.cross_entropy(h @ W.T, t)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, (h, W)), torch.autograd.grad(ref, (h, W))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_cross_entropy_without_grad_and_bad_input():
+    h, W, t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True), torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        out = linear_cross_entropy(h, W, t)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, F.cross_entropy((h @ W.T).view(-1, 30), t.view(-1)))
+    with pytest.raises(ValueError, match='one target'): linear_cross_entropy(h, W, t[:, :4])
+    with pytest.raises(ValueError, match='features'): linear_cross_entropy(h, W[:, :4], t)
+    with pytest.raises(ValueError, match='chunk_size'): linear_cross_entropy(h, W, t, chunk_size=0)
+    assert lce_chunk_rows(4096, 8192, 256) == 512 and lce_chunk_rows(8192, 50257, 768) == 128
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_language_model_loss_fused_equals_logits_path(tie):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset('tiny', tie_embeddings=tie))
+    x, y = torch.randint(0, 512, (3, 64)), torch.randint(0, 512, (3, 64))
+    fused, plain = LanguageModelLoss(model), LanguageModelLoss(model, fused=False)
+    assert fused.fused_loss is linear_cross_entropy and plain.fused_loss is None
+    a = forward_backward(fused, [(x, y)]); grads = [p.grad.clone() for p in model.parameters()]; model.zero_grad()
+    b = forward_backward(plain, [(x, y)])
+    torch.testing.assert_close(a, b)
+    for p, g in zip(model.parameters(), grads): torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
 def _net(seed=0):
