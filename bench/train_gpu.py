@@ -26,7 +26,7 @@ def time_training(model, fpt: float, batch: int, grad_accum: int, steps: int, wa
     "Tokens/s and MFU of full optimizer steps (bf16 autocast, fused AdamW, clipping) on random tokens."
     device = torch.device('cuda')
     optimizer = make_optimizer(model, TrainConfig.preset('gpu'), device)
-    loss_fn = LanguageModelLoss(model)
+    loss_fn = LanguageModelLoss(model, fused=not compile)                  # as `train` does: compiled, the compiler fuses the loss
     step_fn = torch.compile(loss_fn) if compile else loss_fn
     gen = torch.Generator(device=device).manual_seed(0)
 
