@@ -206,8 +206,8 @@ TRAIN_PRESETS = {
     'tiny': dict(batch_size=4, max_steps=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, eval_interval=4, eval_steps=2,
                  checkpoint_interval=4, log_interval=1, device='cpu'),
     # the CPU default: the 'cpu' model preset (4 layers, d_model 256, context 256) for 384 steps x 2,048 tokens = 0.79 M tokens:
-    # about ten minutes at the ~1,300 tokens/s this model trains at (fused loss) on 2 cores of a slow machine of this kind;
-    # faster ones of the same kind run it in four. Small batches, more steps.
+    # about ten minutes at the ~1,300 tokens/s the slower machines of this kind give on 2 cores, 5.5 minutes at the
+    # ~2,500 tokens/s of the faster ones (the fused loss made steps ~17% cheaper). Small batches, more steps.
     'cpu': dict(batch_size=8, max_steps=384, warmup_steps=30, eval_interval=80, checkpoint_interval=80),
     # GPT-2 small on one GPU: 32 x 16 x 1024 = 0.5 M tokens per step, 19,073 steps = 10 B tokens
     'gpu': dict(batch_size=32, grad_accum=16, max_steps=19_073, lr=6e-4, min_lr=6e-5, warmup_steps=700,
