@@ -564,7 +564,7 @@ def _cmd_chat(a):
 def _add_posttrain_verbs(sub):
     "sft, reward, dpo, rlhf, grpo, judge and chat."
     instructions = 'instruction records: JSON/JSONL(.gz) files or folders (Alpaca, ShareGPT or messages format)'
-    pairs = 'preference pairs: JSON/JSONL(.gz) files (prompt/chosen/rejected, hh-rlhf or PandaLM format)'
+    pairs = 'preference pairs: JSON/JSONL(.gz) files or folders (prompt/chosen/rejected, hh-rlhf or PandaLM format)'
     def stage_args(q, data: str = '', cfg: str = ''):
         _run_args(q, preset=False); _device_arg(q)
         q.add_argument('--preset', choices=sorted(PIPELINES), help="the stage's size preset (default: the run's)")

@@ -70,7 +70,7 @@ def normalize_preference(rec: dict, where: str = 'record') -> dict | None:
     return out
 
 def load_preferences(source=None, limit: int | None = None, on_error: str = 'raise') -> list[dict]:
-    "Preference pairs from JSON/JSONL(.gz) files or dicts; None is the embedded hh-rlhf + PandaLM set."
+    "Preference pairs from JSON/JSONL(.gz) files, folders of them, or dicts; None is the embedded hh-rlhf + PandaLM set."
     if source is None: source = PREFERENCE_DEFAULT
     sources = source if isinstance(source, (list, tuple)) else [source]
     pairs = []

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from .core import IN_TEST, PACKAGE_DIR, SHARED_DATA, RunDir, atomic_path, get_logger, pick_device, seed_everything
 
 # %% auto #0
-__all__ = ['SFT_DEFAULT', 'ROLES', 'CHAT_TOKENS', 'EOT', 'ALPACA_HEADER', 'TEMPLATES', 'IGNORE', 'DEMO_SETTINGS', 'read_records',
-           'normalize_instruction', 'load_instructions', 'collect_valid', 'template_segments', 'render', 'stop_token',
-           'resize_token_embeddings', 'add_special_tokens', 'add_chat_tokens', 'encode_example', 'encode_prompt',
-           'make_examples', 'pad_batch', 'pack_examples', 'batch_stats', 'masked_lm_loss', 'sample_batch', 'sample',
-           'answer', 'chat_turn', 'SFTConfig', 'lr_schedule', 'make_batch', 'response_loss', 'sft_train',
-           'evaluate_sft', 'save_stage', 'load_stage', 'latest_records', 'run_preset', 'load_chat_model',
+__all__ = ['SFT_DEFAULT', 'ROLES', 'RECORD_FILES', 'CHAT_TOKENS', 'EOT', 'ALPACA_HEADER', 'TEMPLATES', 'IGNORE', 'DEMO_SETTINGS',
+           'read_records', 'normalize_instruction', 'load_instructions', 'collect_valid', 'template_segments', 'render',
+           'stop_token', 'resize_token_embeddings', 'add_special_tokens', 'add_chat_tokens', 'encode_example',
+           'encode_prompt', 'make_examples', 'pad_batch', 'pack_examples', 'batch_stats', 'masked_lm_loss',
+           'sample_batch', 'sample', 'answer', 'chat_turn', 'SFTConfig', 'lr_schedule', 'make_batch', 'response_loss',
+           'sft_train', 'evaluate_sft', 'save_stage', 'load_stage', 'latest_records', 'run_preset', 'load_chat_model',
            'split_heldout', 'curate', 'prepare_sft_data', 'run_sft', 'demo_run']
 
 # %% ../nbs/11_sft.ipynb #928e09e9
@@ -29,10 +29,16 @@ SFT_DEFAULT = PACKAGE_DIR / 'assets' / 'sft_default.jsonl.gz'
 ROLES = ('system', 'user', 'assistant')
 _SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'bot': 'assistant'}
 
+RECORD_FILES = ('.json', '.jsonl', '.json.gz', '.jsonl.gz')
+
 def read_records(path: str | Path, on_error: str = 'raise') -> list[tuple[str, dict]]:
-    "The records of a JSON or JSONL file (optionally .gz) as (where, record) pairs; broken JSON is an error naming the line (or skipped)."
+    "The records of a JSON or JSONL file (optionally .gz), or of every such file in a folder, as (where, record) pairs; broken JSON is an error naming the line (or skipped)."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'Data file {path} does not exist.')
+    if path.is_dir():
+        files = sorted(p for p in path.rglob('*') if p.is_file() and p.name.endswith(RECORD_FILES))
+        if not files: raise ValueError(f'{path} is a folder without {"/".join(RECORD_FILES)} files: point at a data file or a folder of them.')
+        return [rec for f in files for rec in read_records(f, on_error)]
     opener = gzip.open if path.suffix == '.gz' else open
     with opener(path, 'rt', encoding='utf-8') as f: text = f.read()
     stem = path.name[:-3] if path.suffix == '.gz' else path.name
@@ -99,7 +105,7 @@ def normalize_instruction(rec: dict, where: str = 'record') -> dict | None:
     raise ValueError(f'{where}: unknown instruction format (fields {sorted(rec)}): use messages, conversations, instruction/output or prompt/response.')
 
 def load_instructions(source=None, limit: int | None = None, on_error: str = 'raise') -> list[dict]:
-    "Instruction records from JSON/JSONL(.gz) files or in-memory dicts as [{'messages': [...]}]; None is the embedded default set; on_error='skip' drops malformed records with a warning."
+    "Instruction records from JSON/JSONL(.gz) files, folders of them, or in-memory dicts as [{'messages': [...]}]; None is the embedded default set; on_error='skip' drops malformed records with a warning."
     if source is None: source = SFT_DEFAULT
     sources = source if isinstance(source, (list, tuple)) else [source]
     pairs = []

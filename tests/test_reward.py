@@ -26,6 +26,13 @@ def test_formats_and_errors(tmp_path):
     f.write_text(json.dumps({'prompt': 'Q', 'chosen': 'A', 'rejected': 'B'}) + '\n' + json.dumps({'prompt': 'Q', 'chosen': 'A', 'rejected': 3}) + '\n')
     with pytest.raises(ValueError, match=r"p.jsonl line 2: field 'rejected' must be a string, got int"): load_preferences(f)
     assert len(load_preferences(f, on_error='skip')) == 1
+    folder = tmp_path / 'prefs'; (folder / 'more').mkdir(parents=True)
+    (folder / 'a.jsonl').write_text(json.dumps({'prompt': 'Q1', 'chosen': 'A', 'rejected': 'B'}) + '\n')
+    (folder / 'more' / 'b.json').write_text(json.dumps([{'prompt': 'Q2', 'chosen': 'A', 'rejected': 'B'}]))
+    (folder / 'notes.txt').write_text('not data')
+    assert [p['prompt'][0]['content'] for p in load_preferences(folder)] == ['Q1', 'Q2']   # a folder: every data file in it
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='folder without'): load_preferences(tmp_path / 'empty')
     prefs = load_preferences()
     assert len(prefs) == 3139 and all(p['prompt'][-1]['role'] == 'user' for p in prefs)
 

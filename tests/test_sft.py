@@ -33,6 +33,10 @@ def test_loaders_accept_the_common_formats_and_name_malformed_records(tmp_path):
     (tmp_path / 'bad.json').write_text(json.dumps([{'instruction': 'a', 'output': 'b'}, {'instruction': 'a', 'output': ['b']}]))
     with pytest.raises(ValueError, match=r"bad.json record 1: field 'output' must be a string, got list"): load_instructions(tmp_path / 'bad.json')
     with pytest.raises(FileNotFoundError): load_instructions(tmp_path / 'nope.jsonl')
+    folder = tmp_path / 'sft'; folder.mkdir()
+    (folder / 'b.json').write_text(json.dumps([{'instruction': 'second', 'output': 'y'}]))
+    (folder / 'a.jsonl').write_text(json.dumps({'instruction': 'first', 'output': 'x'}) + '\n')
+    assert [r['messages'][0]['content'] for r in load_instructions(folder)] == ['first', 'second']   # a folder's files, sorted
     assert len(load_instructions()) == 3088                                    # the embedded set loads
 
 
