@@ -308,3 +308,10 @@ def test_bf16_on_gpu(name):
             q, k, v = (randn(2, 4, 1000, D, dtype=bf) for _ in range(3))
             compare(K.attention, lambda q, k, v: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(bf),
                     [q, k, v], **tol)
+
+
+def test_language_model_loss_runs_this_modules_fused_loss_for_triton_models():
+    from minillm.model import ModelConfig, Transformer
+    from minillm.train import LanguageModelLoss, linear_cross_entropy
+    assert LanguageModelLoss(Transformer(ModelConfig.preset('tiny', kernels='triton'))).fused_loss is K.linear_cross_entropy
+    assert LanguageModelLoss(Transformer(ModelConfig.preset('tiny'))).fused_loss is linear_cross_entropy
