@@ -125,9 +125,9 @@ def test_param_groups_decay_matrices_only():
     assert len(decay['params']) + len(no_decay['params']) == len(list(net.parameters()))
 
 
-def test_make_optimizer_is_torch_adamw_foreach_on_cpu():
+def test_make_optimizer_is_torch_adamw_fused_on_cpu():
     opt = make_optimizer(_net(), TrainConfig.preset('tiny'), 'cpu')
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults['foreach'] is True
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults['fused'] is True
     assert [g['weight_decay'] for g in opt.param_groups] == [TrainConfig.preset('tiny').weight_decay, 0.0]
 
 
