@@ -3,7 +3,7 @@
 On a machine without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before triton is
 imported), in fp32/fp16 with small shapes. bf16 checks need a GPU: `pytest --cuda tests/test_kernels.py`.
 """
-import gzip, json, os, subprocess, sys, types
+import gzip, json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -227,20 +227,6 @@ def _grad_fn_names(t):
     return names
 
 
-def _patch_model_for_triton(m, M):
-    "Stand-in for the model's kernels='triton' dispatch, for a minillm.model that does not have it yet (test only)."
-    sdpa = F.scaled_dot_product_attention
-    def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
-        if attn_mask is None and q.shape[2] == k.shape[2]: return K.attention(q, k, v, causal=is_causal)
-        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
-    shim = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith('_')})
-    shim.scaled_dot_product_attention = attention
-    m.setattr(M, 'F', shim)
-    m.setattr(M, 'apply_rope', K.rope)
-    m.setattr(M.RMSNorm, 'forward', lambda self, x: K.rms_norm(x, self.weight, self.eps))
-    m.setattr(M.FeedForward, 'forward', lambda self, x: self.w_down(K.swiglu(*self.w_gate_up(x).chunk(2, dim=-1))))
-
-
 def _train(M, kernels, cfg_kernels, steps=3):
     from minillm.core import DEFAULT_CORPUS
     with gzip.open(DEFAULT_CORPUS, 'rt', encoding='utf-8') as f: text = json.loads(f.readline())['text']
@@ -263,14 +249,10 @@ def _train(M, kernels, cfg_kernels, steps=3):
 
 
 @needs_triton
-def test_training_with_triton_kernels_matches_pytorch(monkeypatch):
+def test_training_with_triton_kernels_matches_pytorch():
     from minillm import model as M
     ref, _ = _train(M, 'torch', 'torch')
-    with monkeypatch.context() as m:
-        if 'triton' in M.KERNELS: losses, names = _train(M, 'triton', 'triton')
-        else:                                                          # model chapter not patched yet: patch it here
-            _patch_model_for_triton(m, M)
-            losses, names = _train(M, 'triton', 'torch')
+    losses, names = _train(M, 'triton', 'triton')
     used = {'RMSNormFunctionBackward', 'RoPEFunctionBackward', 'FlashAttentionFunctionBackward',
             'SwiGLUFunctionBackward', 'CrossEntropyFunctionBackward'}
     assert used <= names, f'kernels not used: {used - names}'
