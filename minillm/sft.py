@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import IN_TEST, PACKAGE_DIR, SHARED_DATA, RunDir, atomic_path, get_logger, pick_device, seed_everything
+from .generate import sample_next
 
 # %% auto #0
 __all__ = ['SFT_DEFAULT', 'ROLES', 'RECORD_FILES', 'CHAT_TOKENS', 'EOT', 'ALPACA_HEADER', 'TEMPLATES', 'IGNORE', 'DEMO_SETTINGS',
@@ -262,22 +263,20 @@ def sample_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
     T0, ctx = len(prompts[0]), model.cfg.context_length
     max_new_tokens = min(max_new_tokens, ctx - T0)
     if max_new_tokens <= 0: raise ValueError(f'The prompt has {T0} tokens, leaving no room in the context of {ctx}.')
-    seq = torch.tensor(prompts, device=device)                                   # (B, T0)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    cache = model.new_cache(len(prompts), max_len=T0 + max_new_tokens)
+    step_in = torch.tensor(prompts, device=device)                               # (B, T0): the prompts fill the cache first
+    new, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        logits = model(seq)[:, -1, :].float()                                   # (B, V)
-        if temperature == 0: nxt = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_k: logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.size(-1)), -1).values[:, -1:], float('-inf'))
-            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(device)
-        nxt = torch.where(done, torch.full_like(nxt, stop_id if stop_id is not None else 0), nxt)
-        seq = torch.cat([seq, nxt[:, None]], 1)
+        logits = model(step_in, cache)[:, -1]                                    # (B, V): only the new tokens go through the model
+        nxt = sample_next(logits.cpu(), temperature, top_k, generator=generator).to(device)   # (B,)
+        if stop_id is not None: nxt = nxt.masked_fill(done, stop_id)             # finished rows keep emitting the stop token
+        new.append(nxt); step_in = nxt[:, None]
         if stop_id is not None:
             done |= nxt == stop_id
             if done.all(): break
     model.train(was_training)
-    return [row[:row.index(stop_id) + 1] if stop_id is not None and stop_id in row else row for row in seq[:, T0:].tolist()]
+    rows = torch.stack(new, 1).tolist()
+    return [row[:row.index(stop_id) + 1] if stop_id is not None and stop_id in row else row for row in rows]
 
 def sample(model: nn.Module, prompt: list[int], n: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
            top_k: int | None = None, stop_id: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
